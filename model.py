@@ -13,7 +13,7 @@ Shapes and symbols used in comments:
 
 Command line:
     python model.py prepare smollm2-135m-instruct   # build the default model folder
-    python model.py chat MODEL "question" ...       # greedy chat answers
+    python model.py chat MODEL "question" ...       # print greedy chat replies
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -80,7 +81,10 @@ class ModelConfig:
         if model_type == "qwen2" and not hf.get("use_sliding_window", False):
             sliding_window = None  # Qwen2 stores a window it does not use unless enabled
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if eos is None:
+            eos_ids = ()
+        else:
+            eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -331,6 +335,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if text.lower() == DEFAULT_MODEL:
+        from default_model import prepare_default_model
+
         return prepare_default_model()
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if path.exists() or not looks_like_hub_id:
@@ -447,6 +453,75 @@ def load_model(name_or_path="smollm2-135m-instruct", dtype=torch.float32, device
     model.name_or_path = str(name_or_path)
     model.folder = folder
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the stage scripts
+
+
+def option(default, help: str):
+    """A dataclass field that `config_parser` turns into a command-line option."""
+    return field(default=default, metadata={"help": help})
+
+
+def config_parser(config_class, doc: str) -> argparse.ArgumentParser:
+    """Build an argument parser with one `--option` per field of a config dataclass."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary name, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def cache_dir() -> Path:
+    """Return the folder for prepared models and SVD caches: $PALORA_CACHE or ~/.cache/palora."""
+    return Path(os.environ.get("PALORA_CACHE", Path.home() / ".cache" / "palora")).expanduser()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -618,3 +693,35 @@ def chat(model, tokenizer, questions: list[str], max_new_tokens=128, system: str
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
         prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare the default model, or chat with a model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help=f"build the Hugging Face folder of {DEFAULT_MODEL}")
+    prepare.add_argument("name", choices=[DEFAULT_MODEL], help="the model to prepare")
+    talk = commands.add_parser("chat", help="print greedy chat answers to questions")
+    talk.add_argument("model", help=f"model folder, hub id or {DEFAULT_MODEL}")
+    talk.add_argument("questions", nargs="+", help="user messages, one answer each")
+    talk.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens (default: 128)")
+    talk.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    talk.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default: float32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+    if args.command == "prepare":
+        from default_model import prepare_default_model
+
+        print(prepare_default_model())
+        return
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype), resolve_device(args.device))
+    for question, answer in zip(args.questions, chat(model, tokenizer, args.questions, args.max_new_tokens)):
+        print(f"> {question}\n{answer}\n")
+
+
+if __name__ == "__main__":
+    main()
