@@ -322,12 +322,19 @@ def train_step(trainer: Trainer) -> dict:
     rewards = torch.tensor([1.0 if c else -1.0 for c in correct], device=trainer.model.lm_head.weight.device)
     t_rollout = time.perf_counter()
 
-    loss, kl = rollout_loss(trainer, examples, generations, rewards)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss.item()} at step {trainer.step + 1}")
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     params = [m.z for m in trainer.svf_modules.values()]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if cfg.baseline == "mean" and cfg.kl_coef == 0 and bool((rewards == rewards[0]).all()):
+        # Equal rewards give zero advantages, so the loss and its gradient are exactly
+        # zero: skip the forward and backward passes. Adam still steps on its momentum.
+        loss, kl = torch.zeros(()), torch.zeros(())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    else:
+        loss, kl = rollout_loss(trainer, examples, generations, rewards)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {trainer.step + 1}")
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
     if not torch.isfinite(grad_norm):
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {trainer.step + 1}")

@@ -177,3 +177,19 @@ def test_unknown_task_is_rejected():
 def test_facts_task_is_not_a_skill():
     with pytest.raises(ValueError, match="not a skill task"):
         svf.parse_config(["--task", "triviaqa"])
+
+
+@needs_data
+def test_equal_rewards_skip_backward(tiny, tmp_path, monkeypatch):
+    trainer = svf.build_trainer(run_config(tiny[0], tmp_path / "run", baseline="mean"))
+    monkeypatch.setattr(trainer.task, "score", lambda example, completion: {"correct": False})
+
+    def fail(*args):
+        raise AssertionError("rollout_loss must not run when every advantage is zero")
+
+    monkeypatch.setattr(svf, "rollout_loss", fail)
+    metrics = svf.train_step(trainer)
+    assert metrics["loss"] == 0.0
+    assert metrics["grad_norm"] == 0.0
+    assert trainer.step == 1
+    assert all(torch.equal(m.z.grad, torch.zeros_like(m.z)) for m in trainer.svf_modules.values())
