@@ -25,7 +25,7 @@ import model as M
 
 log = logging.getLogger("palora.bench")
 
-SECTIONS = ("model", "svf")
+SECTIONS = ("model", "svf", "inject")
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +185,52 @@ def svf_section(args) -> list[str]:
     return rows
 
 
+def inject_section(args) -> list[str]:
+    """Time PALoRA steps against plain LoRA steps on one model and one batch of facts, alternating them.
+
+    The protected bases are random orthonormal columns, k = 16 per MLP matrix,
+    because the penalty's cost does not depend on which directions it protects.
+    """
+    import dataclasses
+    import statistics
+
+    import inject
+    import tasks
+
+    cfg = inject.InjectConfig(model=args.model, device=args.device)
+    device = M.resolve_device(cfg.device)
+    model, tokenizer = M.load_model(cfg.model, device=device)
+    facts = tasks.sample_facts(tasks.load_splits("triviaqa"), cfg.batch_size)  # every step trains on these facts
+    encoded = inject.encode_facts(tokenizer, facts, cfg.phrasing)
+    lora = inject.attach_lora(model, inject.target_names(model, attention=False), cfg.rank, cfg.alpha, cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    protected = {}
+    for name, module in lora.items():
+        m, n = module.base.weight.shape
+        U = torch.linalg.qr(torch.randn(m, 16, generator=generator)).Q
+        V = torch.linalg.qr(torch.randn(n, 16, generator=generator)).Q
+        protected[name] = (U.to(device), V.to(device))
+
+    runs = {}
+    for method in ("lora", "palora"):
+        optimizer = torch.optim.AdamW([p for mod in lora.values() for p in (mod.A, mod.B)], lr=cfg.lr)
+        runs[method] = inject.Injector(dataclasses.replace(cfg, method=method), model, tokenizer, facts, encoded, lora,
+                                       protected if method == "palora" else {}, optimizer, identity={})
+        inject.train_step(runs[method])  # warm-up
+    ms = {"lora": [], "palora": []}
+    for pair in range(args.repeats * args.iters):
+        for method in ("lora", "palora") if pair % 2 == 0 else ("palora", "lora"):
+            ms[method].append(inject.train_step(runs[method])["ms"])
+        log.info("inject step pair %d: lora %.0f ms, palora %.0f ms", pair + 1, ms["lora"][-1], ms["palora"][-1])
+
+    lora_ms, palora_ms = statistics.median(ms["lora"]), statistics.median(ms["palora"])
+    return [
+        "| measurement | lora | palora | palora / lora |", "|---|---|---|---|",
+        f"| median step time over {len(ms['lora'])} steps (ms), {cfg.batch_size} facts, rank {cfg.rank}, "
+        f"{len(protected)} matrices with k = 16 | {lora_ms:.0f} | {palora_ms:.0f} | {palora_ms / lora_ms:.3f} |",
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=M.DEFAULT_MODEL, help="model folder, hub id or smollm2-135m-instruct")
@@ -204,7 +250,7 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     M.resolve_checkpoint(args.model)  # prepare the default model once, outside the timed workers
-    sections = {"model": model_section, "svf": svf_section}
+    sections = {"model": model_section, "svf": svf_section, "inject": inject_section}
     for name in args.sections.split(","):
         if name not in sections:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(sections)}")
