@@ -38,6 +38,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as M
+import svf
 import tasks
 
 log = logging.getLogger("palora.evaluate")
@@ -189,9 +190,9 @@ def apply_expert(model: nn.Module, path, svd: dict | None = None) -> dict[str, s
     Each weight W = U diag(s) V^T becomes W + U diag(s * (z - 1)) V^T, computed
     in float32 and written back in W's dtype. A matrix whose z is all ones is
     left untouched, so it stays bit-identical. `svd` maps a module name to
-    (U (m, r), s (r,), V (n, r)) of the base weight. A matrix missing from it
-    is decomposed here with `torch.linalg.svd`. Every key and shape is checked
-    before any weight changes.
+    (U (m, r), s (r,), V (n, r)) of the base weight; without it the SVD comes
+    from svf.py's cache. Every key and shape is checked before any weight
+    changes.
     """
     z_by_name, metadata = read_safetensors(path)
     if not z_by_name:
@@ -209,18 +210,9 @@ def apply_expert(model: nn.Module, path, svd: dict | None = None) -> dict[str, s
             )
         modules[name] = module
 
-    for name, module in tqdm(modules.items(), desc="merge expert", unit="matrix", leave=False):
-        z = z_by_name[name].to(device=module.weight.device, dtype=torch.float32)
-        if bool((z == 1).all()):
-            continue
-        W = module.weight
-        if svd is not None and name in svd:
-            U, s, V = (t.to(device=W.device, dtype=torch.float32) for t in svd[name])
-        else:
-            U, s, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-            V = Vh.T
-        delta = (U * (s * (z - 1))) @ V.T  # (m, n); diag(s * (z - 1)) is never built
-        W.copy_((W.float() + delta).to(W.dtype))
+    if svd is None:
+        svd = svf.load_or_compute_svd(model, svf.default_svd_cache(model))
+    svf.merge_expert(model, z_by_name, svd)
     log.info("merged expert %s into %d matrices (metadata: %s)", path, len(modules), summarize_metadata(metadata))
     return metadata
 

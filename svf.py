@@ -61,7 +61,10 @@ def target_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def weights_fingerprint(modules: dict[str, nn.Linear]) -> str:
-    """Hash the target weights, so a cached SVD is never used with another checkpoint."""
+    """Hash the target weights, so a cached SVD or an expert is never used with another checkpoint."""
+    # NOTE: the hash covers the weights as loaded, so one checkpoint loaded in
+    # float32 and in bfloat16 has two fingerprints: make the expert, the probe
+    # and the adapter with one --dtype.
     h = hashlib.sha256()
     for name, module in modules.items():
         h.update(name.encode())
@@ -159,17 +162,21 @@ def use_base(svf_modules: dict[str, SVFLinear]):
 
 
 def merge_expert(model: nn.Module, z: dict[str, torch.Tensor], svd) -> None:
-    """Write W'(z) into each target nn.Linear in place (for evaluation and injection)."""
-    modules = target_modules(model)
+    """Write W'(z) = W + U diag(s * (z - 1)) V^T into each named nn.Linear in place.
+
+    The caller checks names and shapes (evaluate.apply_expert does). A matrix
+    whose z is all ones is skipped, so it stays bit-identical: adding a zero
+    update would turn a weight of -0.0 into +0.0.
+    """
+    modules = dict(model.named_modules())
     for name, scale in z.items():
-        if name not in modules:
-            raise ValueError(f"expert names module {name!r}, which is not an MLP projection of this model")
-        U, s, V = svd[name]
-        if scale.shape != s.shape:
-            raise ValueError(f"expert z for {name} has shape {tuple(scale.shape)}, the model needs {tuple(s.shape)}")
         weight = modules[name].weight
+        scale = scale.to(device=weight.device, dtype=torch.float32)
+        if bool((scale == 1).all()):
+            continue
+        U, s, V = (t.to(device=weight.device, dtype=torch.float32) for t in svd[name])
         with torch.no_grad():
-            delta = (U * (s * (scale.to(s) - 1))) @ V.T
+            delta = (U * (s * (scale - 1))) @ V.T  # (m, n); diag(s * (z - 1)) is never built
             weight.copy_((weight.float() + delta).to(weight.dtype))
 
 

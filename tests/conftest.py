@@ -71,6 +71,14 @@ def save_tiny_checkpoint(folder: Path, family: str, seed: int = 0, **overrides) 
     return folder
 
 
+@pytest.fixture(autouse=True)
+def svd_cache_in_tmp(tmp_path, monkeypatch):
+    """Keep the SVD caches of tiny test models out of the user's cache folder."""
+    import svf
+
+    monkeypatch.setattr(svf, "default_svd_cache", lambda model: tmp_path / "svd-cache" / "svd.safetensors")
+
+
 @pytest.fixture(params=list(FAMILIES))
 def tiny_checkpoint(request, tmp_path):
     return save_tiny_checkpoint(tmp_path / request.param, request.param)
