@@ -291,7 +291,7 @@ def summarize_metadata(metadata: dict[str, str], max_chars: int = 80) -> str:
 
 @dataclass
 class EvalConfig:
-    model: str | None = M.option(None, "model folder, hub id or smollm2-135m-instruct")
+    model: str = M.option(M.DEFAULT_MODEL, "model folder, hub id or smollm2-135m-instruct")
     expert: str | None = M.option(None, "SVF expert (z) safetensors file to merge first")
     adapter: str | None = M.option(None, "LoRA adapter safetensors file to merge after the expert")
     tasks: str = M.option("", "comma-separated skill tasks, e.g. gsm8k,arc_easy (known: " + ", ".join(tasks.TASKS) + ")")
@@ -319,8 +319,6 @@ def parse_task_names(text: str) -> list[str]:
 
 
 def validate_config(cfg: EvalConfig) -> None:
-    if not cfg.model:
-        raise ValueError("--model is required unless --compare is given")
     if not cfg.out or not cfg.out.endswith(".json"):
         raise ValueError(f"--out must name a .json result file, got {cfg.out!r}")
     if not parse_task_names(cfg.tasks) and cfg.recall <= 0:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -474,7 +473,10 @@ def config_parser(config_class, doc: str) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+            help_text = f.metadata["help"]
+            if "default" not in help_text:
+                help_text += f" (default: {f.default})"
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     return parser
 
 

@@ -9,7 +9,6 @@ import torch
 
 import model as M
 import svf
-import tasks
 from conftest import data_dir, save_tiny_checkpoint
 
 
