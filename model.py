@@ -296,6 +296,8 @@ class CausalLM(nn.Module):
             return None
         L = cache_start + T
         keys = attention_mask[:, None, None, :L].bool()  # (B, 1, 1, L)
+        if T == 1:
+            return keys  # one new token sees every real cached key and itself
         causal = torch.ones(T, L, dtype=torch.bool, device=keys.device).tril(cache_start)
         # A padding query would see only padding keys; letting it see itself
         # keeps its softmax finite, so no NaN reaches later layers.
