@@ -192,3 +192,13 @@ def test_equal_rewards_skip_backward(tiny, tmp_path, monkeypatch):
     assert metrics["grad_norm"] == 0.0
     assert trainer.step == 1
     assert all(torch.equal(m.z.grad, torch.zeros_like(m.z)) for m in trainer.svf_modules.values())
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["gsm8k", "arc_easy", "basic_arithmetic", "mbpp"])
+def test_train_step_runs_for_each_task(tiny, tmp_path, task):
+    trainer = svf.build_trainer(run_config(tiny[0], tmp_path / "run", task=task, batch_size=2))
+    metrics = svf.train_step(trainer)
+    assert metrics["step"] == 1
+    assert metrics["reward"] in (-1.0, 0.0, 1.0)
+    assert all(torch.isfinite(m.z).all() for m in trainer.svf_modules.values())
