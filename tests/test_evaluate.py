@@ -341,7 +341,7 @@ def test_unknown_task_rejected_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--tasks", "gsm8k", "--out", "r.json"], "--model is required"),
+    (["--tasks", "gsm8k", "--batch-size", "0", "--out", "r.json"], "--batch-size must be >= 1"),
     (["--model", "m", "--tasks", "gsm8k", "--out", "r.txt"], "--out must name a .json"),
     (["--model", "m", "--out", "r.json"], "nothing to evaluate"),
     (["--model", "m", "--tasks", "gsm8k", "--split", "dev", "--out", "r.json"], "--split must be one of"),
@@ -350,6 +350,10 @@ def test_unknown_task_rejected_before_loading(tmp_path):
 def test_invalid_options_raise_clear_errors(argv, expected):
     with pytest.raises(SystemExit, match=expected):
         E.main(argv)
+
+
+def test_model_defaults_to_smollm2():
+    assert E.EvalConfig().model == "smollm2-135m-instruct"
 
 
 def require_data():
