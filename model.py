@@ -339,7 +339,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         from default_model import prepare_default_model
 
         return prepare_default_model()
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    # "org/name" is a hub id unless "org" is a local folder: then it is a mistyped path.
+    looks_like_hub_id = (
+        text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text.split("/")[0]).is_dir()
+    )
     if path.exists() or not looks_like_hub_id:
         raise CheckpointError(
             f"model path not found: {text!r}; pass a folder with config.json and *.safetensors, "
@@ -722,7 +725,10 @@ def main(argv=None):
 
         print(prepare_default_model())
         return
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype), resolve_device(args.device))
+    try:
+        model, tokenizer = load_model(args.model, resolve_dtype(args.dtype), resolve_device(args.device))
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     for question, answer in zip(args.questions, chat(model, tokenizer, args.questions, args.max_new_tokens)):
         print(f"> {question}\n{answer}\n")
 

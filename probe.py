@@ -311,6 +311,9 @@ def run_probe(cfg: ProbeConfig) -> Path:
     check_expert_fits(z_by_name, svd, cfg.expert)
     check_fingerprint(expert_metadata, fingerprint, cfg.expert)
 
+    if cfg.select in ("svf", "svf-sigma") and all(bool((z == 1).all()) for z in z_by_name.values()):
+        log.warning("every z in %s equals 1, so the expert never moved and the %s rule "
+                    "falls back to ranking by singular value", cfg.expert, cfg.select)
     tensors = build_probe(z_by_name, svd, k, cfg.select, cfg.seed)
     out = Path(cfg.out)
     metadata = {

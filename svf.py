@@ -498,9 +498,12 @@ class GracefulStop:
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_config(argv)
-    torch.manual_seed(cfg.seed)
-    train(cfg)
+    try:
+        cfg = parse_config(argv)
+        torch.manual_seed(cfg.seed)
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: CheckpointError and DataError are ValueErrors
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

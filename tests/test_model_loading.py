@@ -131,3 +131,10 @@ def test_top_p_keeps_smallest_prefix():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {int(M.sample_next(logits, 1.0, 0.75, torch.Generator().manual_seed(s))) for s in range(200)}
     assert seen == {0, 1}
+
+
+def test_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(M.CheckpointError, match="model path not found: 'runs/mymodel'"):
+        M.resolve_checkpoint("runs/mymodel")
