@@ -144,8 +144,9 @@ def measure(args, workload: dict) -> dict:
 def compare(args, name: str, workload: dict) -> list[str]:
     """Alternate ours and transformers `repeats` times; keep each side's best speed and lowest peak."""
     best = {}
-    for _ in range(args.repeats):
-        for implementation in ("ours", "hf"):
+    for repeat in range(args.repeats):
+        # Alternate which side runs first, so drift in machine load favours neither.
+        for implementation in ("ours", "hf") if repeat % 2 == 0 else ("hf", "ours"):
             r = measure(args, {**workload, "implementation": implementation})
             log.info("%s %s: %s", name, implementation, r)
             b = best.setdefault(implementation, r)
