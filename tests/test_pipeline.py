@@ -14,7 +14,7 @@ METHODS = ("lora", "oplora", "palora")
 
 
 @pytest.mark.skipif(data_dir() is None, reason="local data folder not found")
-def test_pipeline_end_to_end(tmp_path, capsys):
+def test_pipeline_end_to_end(tmp_path):
     model = str(save_tiny_checkpoint(tmp_path / "tiny", "llama"))
     run = tmp_path / "run"
     expert, probe_file = run / "svf" / "expert.safetensors", run / "probe.safetensors"
