@@ -85,15 +85,33 @@ def evaluate_examples(model, tokenizer, task, examples, batch_size=16, max_new_t
     return metrics, records
 
 
+# Token budget per batch item: a batch of size b whose longest prompt has L tokens is cut to
+# b * TOKENS_PER_BATCH_ITEM // (L + max_new_tokens) sequences, and never below one. So one
+# very long prompt (an MBPP test item has 3754 tokens) does not pad a whole batch to its length.
+TOKENS_PER_BATCH_ITEM = 1024
+
+
+def length_batches(lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Group indices into batches of similar length, longest first, within a token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    budget = batch_size * TOKENS_PER_BATCH_ITEM
+    batches, start = [], 0
+    while start < len(order):
+        # The first index of a batch is its longest prompt.
+        size = max(1, min(batch_size, budget // (lengths[order[start]] + max_new_tokens)))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
 def generate_in_length_order(model, tokenizer, prompt_ids, batch_size, max_new_tokens, desc):
     """Run greedy `M.generate` over batches of similar length and return the generations in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     generations = [None] * len(prompt_ids)
-    with tqdm(total=len(order), desc=desc, unit="item", leave=False) as bar:
-        for first in range(0, len(order), batch_size):
-            batch = order[first : first + batch_size]
+    batches = length_batches([len(p) for p in prompt_ids], batch_size, max_new_tokens)
+    with tqdm(total=len(prompt_ids), desc=desc, unit="item", leave=False) as bar:
+        for batch in batches:
             outputs = M.generate(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens=max_new_tokens)
             for i, generation in zip(batch, outputs, strict=True):
                 generations[i] = generation

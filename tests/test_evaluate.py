@@ -482,3 +482,12 @@ def test_compare_missing_file_raises(result_files, tmp_path):
     with pytest.raises(SystemExit, match="not a result file"):
         E.main(["--compare", str(tmp_path / "other.json")])
 
+
+
+def test_length_batches_isolate_a_long_prompt():
+    lengths = [100] * 40 + [3754]
+    batches = E.length_batches(lengths, batch_size=16, max_new_tokens=384)
+    assert batches[0][0] == 40
+    assert len(batches[0]) == 3  # 16 * 1024 tokens // (3754 + 384), not 16 padded to 3754
+    assert sorted(i for batch in batches for i in batch) == list(range(41))
+    assert [len(batch) for batch in batches[1:]] == [16, 16, 6]
