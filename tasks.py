@@ -152,7 +152,7 @@ def _read_hub(task: Task, source: Source) -> list[tuple[str, dict]]:
 def _read_source(task: Task, source: Source, data_dir: Path | None, hub: bool) -> tuple[list, dict]:
     """Read one source file (or its save_to_disk folder, or the hub); return records and provenance."""
     hub_name = " ".join(part for part in task.hub if part)
-    hub_hint = f", or pass hub=True to download {hub_name}" if hub_name else " (this task has no hub copy)"
+    hub_hint = f"; online, load_splits(hub=True) downloads {hub_name}" if hub_name else " (this task has no hub copy)"
     path = data_dir / task.directory / source.filename if data_dir else None
     folder = path.with_suffix("") if path else None
     if path and path.is_file():
@@ -165,8 +165,8 @@ def _read_source(task: Task, source: Source, data_dir: Path | None, hub: bool) -
     else:
         looked_at = str(path) if path else f"no data folder ({DATA_DIR_ENV} is unset)"
         raise FileNotFoundError(
-            f"{task.name} data file not found: {looked_at}. Pass data_dir= or set {DATA_DIR_ENV} to the "
-            f"folder that contains {task.directory}/{source.filename}{hub_hint}."
+            f"{task.name} data file not found: {looked_at}. Pass --data-dir (data_dir= in Python) or set "
+            f"{DATA_DIR_ENV} to the folder that contains {task.directory}/{source.filename}{hub_hint}."
         )
     if not records:
         raise DataError(f"{origin} contains no records. Restore the complete file{hub_hint}.")
