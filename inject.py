@@ -595,9 +595,7 @@ def run_steps(inj: Injector, metrics_log, checkpoint: Path, stop: svf.GracefulSt
 
 
 def save_checkpoint(inj: Injector, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(inj.state_dict(), tmp)
-    os.replace(tmp, path)
+    M.torch_save_atomic(inj.state_dict(), path)
 
 
 # ---------------------------------------------------------------------------

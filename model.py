@@ -523,6 +523,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PALORA_CACHE", Path.home() / ".cache" / "palora")).expanduser()
 
 
+def torch_save_atomic(obj, path: Path) -> None:
+    """Write a torch.save checkpoint through a temporary name, so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -370,9 +369,7 @@ def validate(trainer: Trainer) -> float:
 
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(trainer.state_dict(), tmp)
-    os.replace(tmp, path)
+    M.torch_save_atomic(trainer.state_dict(), path)
 
 
 def save_expert(trainer: Trainer, path: Path) -> None:
