@@ -297,7 +297,7 @@ class CausalLM(nn.Module):
         L = cache_start + T
         keys = attention_mask[:, None, None, :L].bool()  # (B, 1, 1, L)
         if T == 1:
-            return keys  # one new token sees every real cached key and itself
+            return keys  # one new token attends to every real cached key and to itself
         causal = torch.ones(T, L, dtype=torch.bool, device=keys.device).tril(cache_start)
         # A padding query would see only padding keys; letting it see itself
         # keeps its softmax finite, so no NaN reaches later layers.
@@ -464,7 +464,7 @@ def load_model(name_or_path="smollm2-135m-instruct", dtype=torch.float32, device
 
 
 def option(default, help: str):
-    """A dataclass field that `config_parser` turns into a command-line option."""
+    """Declare a dataclass field that `config_parser` turns into a command-line option."""
     return field(default=default, metadata={"help": help})
 
 
@@ -557,7 +557,10 @@ def stop_token_ids(model: CausalLM, tokenizer) -> set[int]:
     generation_config = Path(getattr(model, "folder", "")) / "generation_config.json"
     if generation_config.is_file():
         eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if isinstance(eos, list):
+            ids.update(eos)
+        elif eos is not None:
+            ids.add(eos)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

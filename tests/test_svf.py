@@ -137,7 +137,8 @@ def test_resumed_run_ends_with_same_z(tiny, tmp_path, monkeypatch):
     logged = [json.loads(line)["step"] for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
     metadata = M.read_metadata(tmp_path / "parts" / "expert.safetensors")
-    assert metadata["task"] == "basic_arithmetic" and metadata["steps"] == "4"
+    assert metadata["task"] == "basic_arithmetic"
+    assert metadata["steps"] == "4"
 
 
 @needs_data
