@@ -17,25 +17,41 @@ SEED ?= 0
 SVF_STEPS ?= 40
 K ?= 16
 LAM ?= 1000
-FACTS ?= 250
+FACTS ?= 100
 EPOCHS ?= 6
 METHODS ?= lora oplora palora
+# Seeds of the LoRA initialization and batch order; with several, the table
+# gives each method's mean and standard deviation over them.
+INJECT_SEEDS ?= 0
 # Two stages at a time with one thread each use two cores better than one
 # stage with two threads, whose threads spin while waiting for each other.
 JOBS ?= 2
 THREADS ?= 1
 
+empty :=
+space := $(empty) $(empty)
 RUN := runs/demo/$(TASK)-seed$(SEED)
 EXPERT := $(RUN)/svf-steps$(SVF_STEPS)/expert.safetensors
 PROBE := $(RUN)/probe-svf-k$(K).safetensors
-INJECT := $(RUN)/inject-facts$(FACTS)-epochs$(EPOCHS)
 RESULTS := $(RUN)/results-facts$(FACTS)
-TABLE := $(RUN)/table-facts$(FACTS).md
-RESULT_FILES := $(RESULTS)/base.json $(RESULTS)/expert.json $(foreach m,$(METHODS),$(RESULTS)/$(m).json)
+INJECT := $(RUN)/inject-facts$(FACTS)-epochs$(EPOCHS)-k$(K)-lam$(LAM)
+INJECTED := $(foreach m,$(METHODS),$(foreach s,$(INJECT_SEEDS),$(m)-seed$(s)))
+RESULT_FILES := $(RESULTS)/base.json $(RESULTS)/expert.json $(INJECTED:%=$(INJECT)/%.json)
+TABLE := $(INJECT)/table-seeds$(subst $(space),-,$(strip $(INJECT_SEEDS))).md
 EVALUATE := $(PY) evaluate.py --model $(MODEL) --tasks $(TASK) --recall $(FACTS) --seed $(SEED)
+
+# An injected run is named METHOD-seedN: these split the name.
+method = $(firstword $(subst -seed, ,$(1)))
+inject_seed = $(lastword $(subst -seed, ,$(1)))
+METHOD_ARGS_lora :=
+METHOD_ARGS_oplora := --k $(K)
+METHOD_ARGS_palora := --lam $(LAM)
+METHOD_ARGS_palora-hard :=
 
 .PHONY: test demo pipeline prepare bench
 .DELETE_ON_ERROR:
+# Adapters are made by a pattern rule; keep them after their evaluation.
+.SECONDARY: $(INJECTED:%=$(INJECT)/%/adapter.safetensors)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,17 +83,10 @@ $(EXPERT):
 $(PROBE): $(EXPERT)
 	$(PY) probe.py --model $(MODEL) --expert $< --k $(K) --select svf --out $@
 
-$(INJECT)/lora/adapter.safetensors: $(EXPERT) $(PROBE)
-	$(PY) inject.py --model $(MODEL) --method lora --expert $(EXPERT) --probe $(PROBE) --facts $(FACTS) \
-		--epochs $(EPOCHS) --data-seed $(SEED) --out $(dir $@)
-
-$(INJECT)/oplora/adapter.safetensors: $(EXPERT) $(PROBE)
-	$(PY) inject.py --model $(MODEL) --method oplora --expert $(EXPERT) --probe $(PROBE) --k $(K) \
-		--facts $(FACTS) --epochs $(EPOCHS) --data-seed $(SEED) --out $(dir $@)
-
-$(INJECT)/palora/adapter.safetensors: $(EXPERT) $(PROBE)
-	$(PY) inject.py --model $(MODEL) --method palora --expert $(EXPERT) --probe $(PROBE) --lam $(LAM) \
-		--facts $(FACTS) --epochs $(EPOCHS) --data-seed $(SEED) --out $(dir $@)
+$(INJECT)/%/adapter.safetensors: $(EXPERT) $(PROBE)
+	$(PY) inject.py --model $(MODEL) --method $(call method,$*) $(METHOD_ARGS_$(call method,$*)) \
+		--expert $(EXPERT) --probe $(PROBE) --facts $(FACTS) --epochs $(EPOCHS) --seed $(call inject_seed,$*) \
+		--data-seed $(SEED) --out $(dir $@)
 
 $(RESULTS)/base.json:
 	$(EVALUATE) --label base --out $@
@@ -85,8 +94,8 @@ $(RESULTS)/base.json:
 $(RESULTS)/expert.json: $(EXPERT)
 	$(EVALUATE) --expert $< --label expert --out $@
 
-$(RESULTS)/%.json: $(INJECT)/%/adapter.safetensors
-	$(EVALUATE) --expert $(EXPERT) --adapter $< --label $* --out $@
+$(INJECT)/%.json: $(INJECT)/%/adapter.safetensors
+	$(EVALUATE) --expert $(EXPERT) --adapter $< --label $(call method,$*) --out $@
 
 $(TABLE): $(RESULT_FILES)
 	$(PY) evaluate.py --compare $^ --expert-result $(RESULTS)/expert.json > $@.tmp && mv $@.tmp $@

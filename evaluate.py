@@ -483,29 +483,44 @@ def find_expert_result(results: list[dict]) -> dict | None:
     return experts[0] if len(experts) == 1 else None
 
 
-def format_percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def format_percent(values: list) -> str:
+    """Format one score as a percentage, several as mean ± sample standard deviation, none as "-"."""
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f}"
 
 
 def compare_table(results: list[dict], expert: dict | None = None) -> str:
     """Render results as a Markdown table: skill scores, recall, and retention against `expert`.
 
-    Retention of a skill is the run's score divided by the expert's. It is "-"
-    when either is missing or the expert scored 0.
+    Results that share a label, such as one method run with several seeds,
+    make one row of mean ± sample standard deviation, and a "runs" column
+    gives their count. Retention of a skill is the run's score divided by the
+    expert's. It is "-" when either is missing or the expert scored 0.
     """
     skills = list(dict.fromkeys(key for r in results for key in r["scores"] if key != RECALL))
-    header = ["run", *skills, "recall EM", "recall contains"]
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        groups.setdefault(result["label"], []).append(result)
+    repeated = any(len(group) > 1 for group in groups.values())
+
+    header = ["run", *(["runs"] if repeated else []), *skills, "recall EM", "recall contains"]
     if expert is not None:
         header += [f"retention {skill}" for skill in skills]
 
     rows = []
-    for result in results:
-        scores = result["scores"]
-        recall = scores.get(RECALL, {})
-        row = [result["label"], *(format_percent(scores.get(s, {}).get("score")) for s in skills)]
-        row += [format_percent(recall.get("em")), format_percent(recall.get("contains"))]
+    for label, group in groups.items():
+        scores = [r["scores"] for r in group]
+        row = [label, *([str(len(group))] if repeated else [])]
+        row += [format_percent([s.get(skill, {}).get("score") for s in scores]) for skill in skills]
+        row += [format_percent([s.get(RECALL, {}).get(key) for s in scores]) for key in ("em", "contains")]
         if expert is not None:
-            row += [format_percent(retention(scores, expert["scores"], skill)) for skill in skills]
+            row += [format_percent([retention(s, expert["scores"], skill) for s in scores]) for skill in skills]
         rows.append(row)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

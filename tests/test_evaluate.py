@@ -475,6 +475,24 @@ def test_compare_explicit_or_absent_expert(result_files, tmp_path, capsys):
     assert rows["base"]["recall EM"] == "5.0"
 
 
+def test_compare_averages_runs_that_share_a_label(result_files, tmp_path, capsys):
+    base, expert, lora = result_files
+    second = write_result(tmp_path / "lora-seed1.json", {
+        "gsm8k": {"score": 0.20}, "recall": {"em": 0.70, "contains": 0.9125}},
+        expert="z", adapter="a", label="LoRA r16")
+    E.main(["--compare", base, expert, lora, second])
+    header, rows = parse_table(capsys.readouterr().out.strip())
+    assert header[:3] == ["run", "runs", "gsm8k"]
+    assert list(rows) == ["base", "expert", "LoRA r16"]
+    assert rows["base"]["runs"] == "1"
+    assert rows["base"]["gsm8k"] == "30.0"
+    assert rows["LoRA r16"]["runs"] == "2"
+    # mean and sample standard deviation of 30 and 20; of 81.25 and 91.25
+    assert rows["LoRA r16"]["gsm8k"] == "25.0 ± 7.1"
+    assert rows["LoRA r16"]["recall contains"] == "86.2 ± 7.1"
+    assert rows["LoRA r16"]["retention gsm8k"] == "62.5 ± 17.7"  # 0.75 and 0.50
+
+
 def test_compare_missing_file_raises(result_files, tmp_path):
     with pytest.raises(SystemExit, match="result file not found: .*missing.json"):
         E.main(["--compare", result_files[0], str(tmp_path / "missing.json")])
