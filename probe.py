@@ -290,6 +290,7 @@ class ProbeConfig:
     out: str = option("runs/probe/probe.safetensors", "probe file; NAME.spectrum.json and .png go beside it")
     svd_cache: str | None = option(None, "SVD cache file (default: inside $PALORA_CACHE or ~/.cache/palora)")
     device: str = option("auto", "device for the SVD when it is not cached: cuda, cpu or auto")
+    dtype: str | None = option(None, "model dtype: float32, bfloat16 or float16 (default: the one svf.py used)")
 
 
 def validate_config(cfg: ProbeConfig) -> int | float:
@@ -305,7 +306,9 @@ def run_probe(cfg: ProbeConfig) -> Path:
     k = validate_config(cfg)
     z_by_name, expert_metadata = read_safetensors(cfg.expert)
     model_name = cfg.model or expert_metadata.get("base_model") or M.DEFAULT_MODEL
-    model, _ = M.load_model(model_name, dtype=torch.float32, device=M.resolve_device(cfg.device))
+    # The expert's fingerprint hashes the weights as svf.py loaded them, so load them the same way.
+    dtype = cfg.dtype or json.loads(expert_metadata.get("hyperparameters", "{}")).get("dtype", "float32")
+    model, _ = M.load_model(model_name, dtype=M.resolve_dtype(dtype), device=M.resolve_device(cfg.device))
     fingerprint = svf.weights_fingerprint(svf.target_modules(model))
     svd = svf.load_or_compute_svd(model, Path(cfg.svd_cache) if cfg.svd_cache else svf.default_svd_cache(model))
     check_expert_fits(z_by_name, svd, cfg.expert)

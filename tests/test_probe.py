@@ -150,3 +150,20 @@ def test_expert_from_other_weights_rejected(tiny, tmp_path):
                             out=str(tmp_path / "probe.safetensors"), svd_cache=str(tmp_path / "svd.safetensors"))
     with pytest.raises(ValueError, match="made from base weights 000000000000"):
         probe.run_probe(cfg)
+
+
+def test_probe_loads_model_in_expert_dtype(tiny, tmp_path):
+    folder, _ = tiny
+    bf16_model, _ = M.load_model(folder, dtype=torch.bfloat16)
+    fingerprint = svf.weights_fingerprint(svf.target_modules(bf16_model))
+    hyperparameters = json.dumps({"dtype": "bfloat16"})
+    write_expert(tmp_path / "expert.safetensors", bf16_model, base_fingerprint=fingerprint,
+                 hyperparameters=hyperparameters)
+    cfg = probe.ProbeConfig(expert=str(tmp_path / "expert.safetensors"), model=str(folder), k="2",
+                            out=str(tmp_path / "probe.safetensors"), svd_cache=str(tmp_path / "svd.safetensors"))
+    path = probe.run_probe(cfg)
+    assert probe.load_probe(path).metadata["base_fingerprint"] == fingerprint
+
+    cfg.dtype = "float32"  # a float32 load hashes other values, so the fingerprint check rejects it
+    with pytest.raises(ValueError, match="made from base weights"):
+        probe.run_probe(cfg)
