@@ -331,6 +331,8 @@ def parse_task_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         tasks.get_task(name)
+        if name == "triviaqa":
+            raise ValueError("triviaqa holds the injected facts, not a skill: score them with --recall N")
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks lists a task twice: {text!r}")
     return names

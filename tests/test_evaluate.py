@@ -346,6 +346,7 @@ def test_unknown_task_rejected_before_loading(tmp_path):
     (["--model", "m", "--out", "r.json"], "nothing to evaluate"),
     (["--model", "m", "--tasks", "gsm8k", "--split", "dev", "--out", "r.json"], "--split must be one of"),
     (["--model", "m", "--tasks", "gsm8k", "--limit", "0", "--out", "r.json"], "--limit must be >= 1"),
+    (["--model", "m", "--tasks", "triviaqa", "--out", "r.json"], "score them with --recall N"),
 ])
 def test_invalid_options_raise_clear_errors(argv, expected):
     with pytest.raises(SystemExit, match=expected):
