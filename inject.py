@@ -698,8 +698,8 @@ def finish(inj: Injector, out: Path, provenance: dict) -> dict:
 def train(cfg: InjectConfig) -> Path:
     """Run (or resume) one injection; return the path of summary.json."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     inj, provenance = build_injector(cfg)
+    out.mkdir(parents=True, exist_ok=True)  # after every input check, so bad input leaves no folder
     checkpoint, log_path = out / "checkpoint.pt", out / "log.jsonl"
     if checkpoint.is_file():
         inj.load_state_dict(torch.load(checkpoint, weights_only=False), checkpoint)

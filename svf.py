@@ -406,8 +406,8 @@ def default_svd_cache(model: M.CausalLM) -> Path:
 
 def train(cfg: SVFConfig) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg)
+    out.mkdir(parents=True, exist_ok=True)  # after every input check, so bad input leaves no folder
     checkpoint, expert_path, log_path = out / "checkpoint.pt", out / "expert.safetensors", out / "log.jsonl"
     if checkpoint.is_file():
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False), checkpoint)

@@ -341,6 +341,15 @@ def test_probe_from_other_expert_rejected(setup):
         inject.build_injector(config(setup, method="palora", probe=str(setup["probe"])))
 
 
+def test_rejected_probe_leaves_no_output_folder(setup):
+    other_expert = setup["tmp"] / "other-expert.safetensors"
+    write_expert(setup["folder"], other_expert, seed=2)
+    cfg = config(setup, out="rejected", method="palora", probe=str(setup["probe"]), expert=str(other_expert))
+    with pytest.raises(ValueError, match="was made from expert"):
+        inject.train(cfg)
+    assert not (setup["tmp"] / "rejected").exists()
+
+
 def test_negative_lambda_rejected(setup):
     with pytest.raises(ValueError, match="--lam must be >= 0, got -0.5"):
         inject.parse_config(["--lam", "-0.5"])

@@ -169,6 +169,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_z(tiny, tmp_path, monkeypatch
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
+def test_missing_model_leaves_no_output_folder(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(M.CheckpointError, match="model path not found"):
+        svf.train(run_config(tmp_path / "no-model", out))
+    assert not out.exists()
+
+
 def test_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="no_such_task"):
         svf.parse_config(["--task", "no_such_task"])
