@@ -318,6 +318,7 @@ class EvalConfig:
     limit: int | None = M.option(None, "evaluate only the first N items of each skill split")
     seed: int = M.option(0, "seed of the data splits and of the facts' order")
     data_dir: str | None = M.option(None, "folder of local data files (default: $PALORA_DATA_DIR)")
+    hub: bool = M.option(False, "download data sets missing from the data folder from the Hugging Face hub, by their hub names")
     batch_size: int = M.option(16, "prompts per generation batch")
     max_new_tokens: int | None = M.option(None, "generation limit in tokens for every task (default: each task's own)")
     dtype: str = M.option("float32", "model dtype: float32, bfloat16 or float16")
@@ -366,7 +367,7 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
     """Read every requested data set before the model loads, so data errors show at once."""
     sets = []
     for name in parse_task_names(cfg.tasks):
-        splits = tasks.load_splits(name, data_dir=cfg.data_dir, seed=cfg.seed)
+        splits = tasks.load_splits(name, data_dir=cfg.data_dir, seed=cfg.seed, hub=cfg.hub)
         examples = getattr(splits, cfg.split)[: cfg.limit]  # splits are already in seeded order
         if not examples:
             raise ValueError(
@@ -376,7 +377,7 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
         description = {**splits.describe(), "split": cfg.split, "items": len(examples)}
         sets.append(EvalSet(name, tasks.get_task(name), examples, description))
     if cfg.recall > 0:
-        splits = tasks.load_splits("triviaqa", data_dir=cfg.data_dir, seed=cfg.seed)
+        splits = tasks.load_splits("triviaqa", data_dir=cfg.data_dir, seed=cfg.seed, hub=cfg.hub)
         facts = tasks.sample_facts(splits, cfg.recall)  # the first N of the facts split, as in inject.py
         description = {**splits.describe(), "split": "train", "items": len(facts)}
         sets.append(EvalSet(RECALL, tasks.get_task("triviaqa"), facts, description))

@@ -256,6 +256,7 @@ class InjectConfig:
     seed: int = option(0, "seed of the LoRA initialization and of the batch order")
     data_seed: int = option(0, "seed of the facts' order; evaluate.py --seed must equal it to score the same facts")
     data_dir: str | None = option(None, "folder of local data files (default: $PALORA_DATA_DIR)")
+    hub: bool = option(False, "download data sets missing from the data folder from the Hugging Face hub, by their hub names")
     out: str = option("runs/inject", "output folder: adapter.safetensors, summary.json, log.jsonl, checkpoint.pt")
     export_hf: str | None = option(None, "also write a Hugging Face folder with the expert and adapter merged")
     svd_cache: str | None = option(None, "SVD cache file (default: inside $PALORA_CACHE or ~/.cache/palora)")
@@ -314,7 +315,7 @@ def encode_facts(tokenizer, facts: list, phrasing: str) -> list[tuple[list[int],
 
 
 def load_facts(cfg: InjectConfig) -> tuple[list, tasks.Splits]:
-    splits = tasks.load_splits("triviaqa", data_dir=cfg.data_dir, seed=cfg.data_seed)
+    splits = tasks.load_splits("triviaqa", data_dir=cfg.data_dir, seed=cfg.data_seed, hub=cfg.hub)
     return tasks.sample_facts(splits, cfg.facts), splits
 
 

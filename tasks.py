@@ -152,7 +152,7 @@ def _read_hub(task: Task, source: Source) -> list[tuple[str, dict]]:
 def _read_source(task: Task, source: Source, data_dir: Path | None, hub: bool) -> tuple[list, dict]:
     """Read one source file (or its save_to_disk folder, or the hub); return records and provenance."""
     hub_name = " ".join(part for part in task.hub if part)
-    hub_hint = f"; online, load_splits(hub=True) downloads {hub_name}" if hub_name else " (this task has no hub copy)"
+    hub_hint = f"; online, --hub (load_splits(hub=True)) downloads {hub_name}" if hub_name else " (this task has no hub copy)"
     path = data_dir / task.directory / source.filename if data_dir else None
     folder = path.with_suffix("") if path else None
     if path and path.is_file():

@@ -364,11 +364,33 @@ def require_data():
     return folder
 
 
-def test_empty_split_raises(tmp_path):
+def test_empty_split_raises(tmp_path, monkeypatch):
     folder = require_data()
-    cfg = E.EvalConfig(model="unused", tasks="triviaqa", split="test", data_dir=str(folder), out=str(tmp_path / "r.json"))
+    real_load_splits = tasks.load_splits
+
+    def without_test_items(*args, **kwargs):
+        splits = real_load_splits(*args, **kwargs)
+        splits.test = []
+        return splits
+
+    monkeypatch.setattr(tasks, "load_splits", without_test_items)
+    cfg = E.EvalConfig(model="unused", tasks="gsm8k", split="test", data_dir=str(folder), out=str(tmp_path / "r.json"))
     with pytest.raises(ValueError, match="no items in split 'test'"):
         E.load_eval_sets(cfg)
+
+
+def test_hub_option_reaches_data_loader(tmp_path, monkeypatch):
+    requests = []
+
+    def record_request(name, data_dir=None, seed=0, hub=False):
+        requests.append((name, hub))
+        raise FileNotFoundError("no data in this test")
+
+    monkeypatch.setattr(tasks, "load_splits", record_request)
+    argv = ["--model", "unused", "--tasks", "gsm8k", "--hub", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="no data in this test"):
+        E.main(argv)
+    assert requests == [("gsm8k", True)]
 
 
 def test_cli_end_to_end(tiny_folder, tmp_path):
