@@ -10,7 +10,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= smollm2-135m-instruct
+DEFAULT_MODEL := smollm2-135m-instruct
+# Any model folder or hub id works; DTYPE and DEVICE go to every stage.
+MODEL ?= $(DEFAULT_MODEL)
+DTYPE ?= float32
+DEVICE ?= auto
+# HUB=1 downloads data sets missing from the data folder by their hub names.
+HUB ?=
 
 TASK ?= basic_arithmetic
 SEED ?= 0
@@ -30,7 +36,14 @@ THREADS ?= 1
 
 empty :=
 space := $(empty) $(empty)
+# The default model in float32 keeps the short path; others get their own folder.
+ifeq ($(MODEL) $(DTYPE),$(DEFAULT_MODEL) float32)
 RUN := runs/demo/$(TASK)-seed$(SEED)
+else
+RUN := runs/demo/$(subst /,--,$(MODEL))-$(DTYPE)/$(TASK)-seed$(SEED)
+endif
+STAGE := --model $(MODEL) --dtype $(DTYPE) --device $(DEVICE)
+DATA := $(if $(HUB),--hub)
 EXPERT := $(RUN)/svf-steps$(SVF_STEPS)/expert.safetensors
 PROBE := $(RUN)/probe-svf-k$(K).safetensors
 RESULTS := $(RUN)/results-facts$(FACTS)
@@ -38,13 +51,13 @@ INJECT := $(RUN)/inject-facts$(FACTS)-epochs$(EPOCHS)-k$(K)-lam$(LAM)
 INJECTED := $(foreach m,$(METHODS),$(foreach s,$(INJECT_SEEDS),$(m)-seed$(s)))
 RESULT_FILES := $(RESULTS)/base.json $(RESULTS)/expert.json $(INJECTED:%=$(INJECT)/%.json)
 TABLE := $(INJECT)/table-seeds$(subst $(space),-,$(strip $(INJECT_SEEDS))).md
-EVALUATE := $(PY) evaluate.py --model $(MODEL) --tasks $(TASK) --recall $(FACTS) --seed $(SEED)
+EVALUATE := $(PY) evaluate.py $(STAGE) $(DATA) --tasks $(TASK) --recall $(FACTS) --seed $(SEED)
 
 # An injected run is named METHOD-seedN: these split the name.
 method = $(firstword $(subst -seed, ,$(1)))
 inject_seed = $(lastword $(subst -seed, ,$(1)))
 METHOD_ARGS_lora :=
-METHOD_ARGS_oplora := --k $(K)
+METHOD_ARGS_oplora :=
 METHOD_ARGS_palora := --lam $(LAM)
 METHOD_ARGS_palora-hard :=
 
@@ -59,8 +72,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# Other models need no preparation: the stages load them on first use.
 prepare: $(VENV)/.installed
-	$(PY) model.py prepare $(MODEL)
+	$(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(PY) model.py prepare $(MODEL))
 
 test: prepare
 	$(PY) -m pytest -q tests
@@ -78,13 +92,13 @@ demo: prepare
 pipeline: $(TABLE)
 
 $(EXPERT):
-	$(PY) svf.py --model $(MODEL) --task $(TASK) --steps $(SVF_STEPS) --seed $(SEED) --out $(dir $@)
+	$(PY) svf.py $(STAGE) $(DATA) --task $(TASK) --steps $(SVF_STEPS) --seed $(SEED) --out $(dir $@)
 
 $(PROBE): $(EXPERT)
-	$(PY) probe.py --model $(MODEL) --expert $< --k $(K) --select svf --out $@
+	$(PY) probe.py --model $(MODEL) --dtype $(DTYPE) --device $(DEVICE) --expert $< --k $(K) --select svf --out $@
 
 $(INJECT)/%/adapter.safetensors: $(EXPERT) $(PROBE)
-	$(PY) inject.py --model $(MODEL) --method $(call method,$*) $(METHOD_ARGS_$(call method,$*)) \
+	$(PY) inject.py $(STAGE) $(DATA) --method $(call method,$*) $(METHOD_ARGS_$(call method,$*)) \
 		--expert $(EXPERT) --probe $(PROBE) --facts $(FACTS) --epochs $(EPOCHS) --seed $(call inject_seed,$*) \
 		--data-seed $(SEED) --out $(dir $@)
 
