@@ -475,12 +475,15 @@ def config_parser(config_class, doc: str) -> argparse.ArgumentParser:
     for f in fields(config_class):
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if "default" not in help_text:
+            shown = f.default
+            if kind is bool:
+                shown = flag if f.default else "--no-" + flag.removeprefix("--")
+            help_text += f" (default: {shown})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            help_text = f.metadata["help"]
-            if "default" not in help_text:
-                help_text += f" (default: {f.default})"
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     return parser
 
