@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -142,27 +143,42 @@ def measure(args, workload: dict) -> dict:
 
 
 def compare(args, name: str, workload: dict) -> list[str]:
-    """Alternate ours and transformers `repeats` times; keep each side's best speed and lowest peak."""
-    best = {}
+    """Alternate ours and transformers `repeats` times; keep each side's best speed and lowest peak.
+
+    Each repeat also gives one ratio of ours to transformers from its pair of
+    runs. The median and range of these ratios show how far the machine's
+    noise reaches.
+    """
+    best, pair_ratios = {}, {"tokens_per_s": [], "peak_mb": []}
     for repeat in range(args.repeats):
         # Alternate which side runs first, so drift in machine load favours neither.
+        pair = {}
         for implementation in ("ours", "hf") if repeat % 2 == 0 else ("hf", "ours"):
             r = measure(args, {**workload, "implementation": implementation})
             log.info("%s %s: %s", name, implementation, r)
-            b = best.setdefault(implementation, r)
+            pair[implementation] = r
+            b = best.setdefault(implementation, dict(r))
             b["tokens_per_s"] = max(b["tokens_per_s"], r["tokens_per_s"])
             b["peak_mb"] = min(b["peak_mb"], r["peak_mb"])
+        for key, ratios in pair_ratios.items():
+            ratios.append(pair["ours"][key] / pair["hf"][key])
     ours, hf = best["ours"], best["hf"]
     return [
-        f"| {name} tokens/s | {ours['tokens_per_s']:.1f} | {hf['tokens_per_s']:.1f} | "
-        f"{ours['tokens_per_s'] / hf['tokens_per_s']:.3f} |",
-        f"| {name} peak memory (MiB) | {ours['peak_mb']:.0f} | {hf['peak_mb']:.0f} | "
-        f"{ours['peak_mb'] / hf['peak_mb']:.3f} |",
+        (f"| {name} tokens/s | {ours['tokens_per_s']:.1f} | {hf['tokens_per_s']:.1f} | "
+         f"{ours['tokens_per_s'] / hf['tokens_per_s']:.3f} | {format_spread(pair_ratios['tokens_per_s'])} |"),
+        (f"| {name} peak memory (MiB) | {ours['peak_mb']:.0f} | {hf['peak_mb']:.0f} | "
+         f"{ours['peak_mb'] / hf['peak_mb']:.3f} | {format_spread(pair_ratios['peak_mb'])} |"),
     ]
 
 
+def format_spread(values: list[float]) -> str:
+    """Format ratios as "median (min-max)"."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def model_section(args) -> list[str]:
-    rows = ["| measurement | ours | transformers | ours / transformers |", "|---|---|---|---|"]
+    header = "| measurement | ours | transformers | ours / transformers, best of each | per pair: median (range) |"
+    rows = [header, "|---|---|---|---|---|"]
     rows += compare(args, f"forward+backward {args.train_batch}x{args.train_length}",
                     {"name": "train", "batch": args.train_batch, "length": args.train_length, "iters": args.iters})
     rows += compare(args, f"greedy generation {args.gen_batch}x{args.gen_tokens}",
@@ -193,7 +209,6 @@ def inject_section(args) -> list[str]:
     because the penalty's cost does not depend on which directions it protects.
     """
     import dataclasses
-    import statistics
 
     import inject
     import tasks

@@ -206,6 +206,28 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class SwiGLU(torch.autograd.Function):
+    """The SwiGLU product silu(gate) * up, saving only gate and up for the backward pass.
+
+    Autograd would also keep silu(gate), one more (B, T, intermediate) tensor
+    per layer. Recomputing it in backward costs one sigmoid and saves that memory.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+        return grad_gate, grad * silu
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,7 +237,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(M, D, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -269,9 +291,9 @@ class CausalLM(nn.Module):
                 "sliding-window attention is not implemented, so use shorter inputs"
             )
         if position_ids is None:
-            position_ids = self._positions(attention_mask, B, T, cache_start, input_ids.device)
+            position_ids = self._positions(attention_mask, T, cache_start, input_ids.device)
         mask = self._attention_mask(attention_mask, T, cache_start)
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B or 1, 1, T, hd/2)
         angles = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -283,9 +305,10 @@ class CausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache_start))  # (B, T, V)
 
     @staticmethod
-    def _positions(attention_mask, B, T, cache_start, device):
+    def _positions(attention_mask, T, cache_start, device):
         if attention_mask is None:
-            return torch.arange(cache_start, cache_start + T, device=device).expand(B, T)
+            # One row for the whole batch: RoPE's cos and sin then broadcast over it.
+            return torch.arange(cache_start, cache_start + T, device=device)[None]  # (1, T)
         # Left padding: a sequence's first real token gets position 0.
         positions = attention_mask.long().cumsum(-1) - 1
         return positions[:, cache_start : cache_start + T].clamp(min=0)
@@ -477,10 +500,10 @@ def config_parser(config_class, doc: str) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if "default" not in help_text:
-            shown = f.default
+            default_text = f.default
             if kind is bool:
-                shown = flag if f.default else "--no-" + flag.removeprefix("--")
-            help_text += f" (default: {shown})"
+                default_text = flag if f.default else "--no-" + flag.removeprefix("--")
+            help_text += f" (default: {default_text})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:

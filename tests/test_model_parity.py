@@ -19,6 +19,23 @@ def test_logits_match_transformers(tiny_checkpoint):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_gradients_match_transformers(tiny_checkpoint):
+    ours, theirs, _ = load_pair(tiny_checkpoint)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    ours.requires_grad_(True)
+    for logits in (ours(ids), theirs(ids).logits):
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, theirs_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_swiglu_gradient_is_exact():
+    gate = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(M.SwiGLU.apply, (gate, up))
+
+
 def test_left_padded_logits_match_transformers(tiny_checkpoint):
     ours, theirs, tokenizer = load_pair(tiny_checkpoint)
     ids, mask = M.pad_left([[5, 6, 7, 8, 9, 10], [11, 12, 13]], tokenizer.pad_token_id, "cpu")
