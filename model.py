@@ -221,11 +221,9 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        sigmoid = torch.sigmoid(gate)
-        silu = gate * sigmoid
-        # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-        grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
-        return grad_gate, grad * silu
+        # aten's fused silu_backward is the kernel autograd itself uses for F.silu.
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad * F.silu(gate)
 
 
 class MLP(nn.Module):
