@@ -56,10 +56,8 @@ EVALUATE := $(PY) evaluate.py $(STAGE) $(DATA) --tasks $(TASK) --recall $(FACTS)
 # An injected run is named METHOD-seedN: these split the name.
 method = $(firstword $(subst -seed, ,$(1)))
 inject_seed = $(lastword $(subst -seed, ,$(1)))
-METHOD_ARGS_lora :=
-METHOD_ARGS_oplora :=
+# Options of one method; the others need none.
 METHOD_ARGS_palora := --lam $(LAM)
-METHOD_ARGS_palora-hard :=
 
 .PHONY: test demo pipeline prepare bench
 .DELETE_ON_ERROR:
@@ -95,7 +93,7 @@ $(EXPERT):
 	$(PY) svf.py $(STAGE) $(DATA) --task $(TASK) --steps $(SVF_STEPS) --seed $(SEED) --out $(dir $@)
 
 $(PROBE): $(EXPERT)
-	$(PY) probe.py --model $(MODEL) --dtype $(DTYPE) --device $(DEVICE) --expert $< --k $(K) --select svf --out $@
+	$(PY) probe.py $(STAGE) --expert $< --k $(K) --select svf --out $@
 
 $(INJECT)/%/adapter.safetensors: $(EXPERT) $(PROBE)
 	$(PY) inject.py $(STAGE) $(DATA) --method $(call method,$*) $(METHOD_ARGS_$(call method,$*)) \

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ from tqdm import tqdm
 import model as M
 import svf
 import tasks
+
+# EvalConfig's field `tasks` hides the module inside the class body.
+from tasks import HUB_HELP
 
 log = logging.getLogger("palora.evaluate")
 
@@ -318,7 +322,7 @@ class EvalConfig:
     limit: int | None = M.option(None, "evaluate only the first N items of each skill split")
     seed: int = M.option(0, "seed of the data splits and of the facts' order")
     data_dir: str | None = M.option(None, "folder of local data files (default: $PALORA_DATA_DIR)")
-    hub: bool = M.option(False, "download data sets missing from the data folder from the Hugging Face hub, by their hub names")
+    hub: bool = M.option(False, HUB_HELP)
     batch_size: int = M.option(16, "prompts per generation batch")
     max_new_tokens: int | None = M.option(None, "generation limit in tokens for every task (default: each task's own)")
     dtype: str = M.option("float32", "model dtype: float32, bfloat16 or float16")
@@ -332,8 +336,9 @@ def parse_task_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         tasks.get_task(name)
-        if name == "triviaqa":
-            raise ValueError("triviaqa holds the injected facts, not a skill: score them with --recall N")
+        if name not in tasks.SKILL_TASKS:
+            raise ValueError(f"--tasks lists {name!r}, which contains the injected facts, not a skill: "
+                             "score them with --recall N")
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks lists a task twice: {text!r}")
     return names
@@ -491,11 +496,9 @@ def format_percent(values: list) -> str:
     values = [100 * v for v in values if v is not None]
     if not values:
         return "-"
-    mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.1f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.1f} ± {std:.1f}"
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def compare_table(results: list[dict], expert: dict | None = None) -> str:

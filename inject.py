@@ -256,7 +256,7 @@ class InjectConfig:
     seed: int = option(0, "seed of the LoRA initialization and of the batch order")
     data_seed: int = option(0, "seed of the facts' order; evaluate.py --seed must equal it to score the same facts")
     data_dir: str | None = option(None, "folder of local data files (default: $PALORA_DATA_DIR)")
-    hub: bool = option(False, "download data sets missing from the data folder from the Hugging Face hub, by their hub names")
+    hub: bool = option(False, tasks.HUB_HELP)
     out: str = option("runs/inject", "output folder: adapter.safetensors, summary.json, log.jsonl, checkpoint.pt")
     export_hf: str | None = option(None, "also write a Hugging Face folder with the expert and adapter merged")
     svd_cache: str | None = option(None, "SVD cache file (default: inside $PALORA_CACHE or ~/.cache/palora)")

@@ -40,7 +40,7 @@ import tasks
 log = logging.getLogger("palora.svf")
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-SKILL_TASKS = tuple(name for name in tasks.TASKS if name != "triviaqa")
+SKILL_TASKS = tasks.SKILL_TASKS
 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Linear]:
@@ -186,7 +186,7 @@ class SVFConfig:
     task: str = option("basic_arithmetic", "skill task: " + ", ".join(SKILL_TASKS))
     out: str = option("runs/svf", "output folder: expert.safetensors, checkpoint.pt, log.jsonl")
     data_dir: str | None = option(None, "folder of local data files (default: $PALORA_DATA_DIR)")
-    hub: bool = option(False, "download data sets missing from the data folder from the Hugging Face hub, by their hub names")
+    hub: bool = option(False, tasks.HUB_HELP)
     steps: int = option(40, "optimizer steps")
     batch_size: int = option(32, "rollouts (prompts) per step")
     lr: float = option(2e-3, "Adam learning rate for z")

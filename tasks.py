@@ -659,6 +659,13 @@ TASKS: dict[str, Task] = {
 }
 
 
+# The tasks an SVF expert can learn and evaluate.py can score. triviaqa contains the facts to inject.
+SKILL_TASKS = tuple(name for name in TASKS if name != "triviaqa")
+
+# Help text of the --hub option of svf.py, inject.py and evaluate.py.
+HUB_HELP = "download data sets missing from the data folder from the Hugging Face hub, by their hub names"
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}.")
